@@ -1,0 +1,190 @@
+"""The ``peaknet`` command: one subcommand per pipeline stage.
+
+Every stage is run the same way::
+
+    peaknet <stage> [--config FILE.toml] [--section.key=value ...] [--print-config]
+
+The stage's typed config (a dataclass, see :mod:`peaknet.config`) is built from its defaults,
+the TOML file and the overrides, validated, logged (every value that differs from the default),
+saved as ``<out>/<stage>.config.toml`` next to the outputs, and passed to the stage's
+``run(cfg) -> dict``. The summary it returns is printed as JSON on the last line.
+
+``jobs/<stage>.py`` (what Slurm templates and submitit call) go through :func:`run_stage` too.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+from . import __version__
+from .config import ConfigError, config_to_dict, load_config, save_config
+
+log = logging.getLogger("peaknet")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline stage: where its config class and run function live, and its CLI aliases."""
+
+    name: str
+    config: str  # "module:ClassName"
+    run: str  # "module:function"
+    help: str
+    aliases: dict = field(default_factory=dict)  # "--frames" -> "run.frames"
+    example: str = ""
+
+    def load(self) -> tuple[type, Callable[[Any], dict]]:
+        mod, _, cls = self.config.partition(":")
+        cfg_cls = getattr(importlib.import_module(mod), cls)
+        mod, _, fn = self.run.partition(":")
+        return cfg_cls, getattr(importlib.import_module(mod), fn)
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def register(stage: Stage) -> Stage:
+    STAGES[stage.name] = stage
+    return stage
+
+
+register(
+    Stage(
+        "simulate",
+        "peaknet.simulate.config:SimulateConfig",
+        "peaknet.simulate.generator:run",
+        "generate synthetic serial-crystallography frames (CXI shards) with their ground truth",
+        aliases={
+            "detector": "run.detector",
+            "frames": "run.frames",
+            "seed": "run.seed",
+            "out": "run.out",
+        },
+        example="peaknet simulate --detector epix10ka2m --frames 100 --seed 1 --out runs/sim",
+    )
+)
+
+
+def _out_dir(cfg: Any) -> Optional[str]:
+    run = getattr(cfg, "run", None)
+    out = getattr(run, "out", None) if run is not None else None
+    return None if out is None else str(out)
+
+
+def _changed_from_default(cfg: Any, cls: type) -> list[str]:
+    """``section.key = value`` lines for every value that differs from the default."""
+    now, default = config_to_dict(cfg), config_to_dict(cls())
+    lines = []
+    for section, values in now.items():
+        if isinstance(values, dict):
+            for key, v in values.items():
+                if default.get(section, {}).get(key) != v:
+                    lines.append(f"{section}.{key} = {v!r}")
+        elif default.get(section) != values:
+            lines.append(f"{section} = {values!r}")
+    return lines
+
+
+def build_parser(stage: Stage) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"peaknet {stage.name}",
+        description=stage.help,
+        epilog=(f"example: {stage.example}\n" if stage.example else "")
+        + "Any config value can be set with --section.key=value.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="TOML config file (defaults are used for missing keys)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    for alias, key in stage.aliases.items():
+        p.add_argument(f"--{alias}", dest=f"alias_{alias}", help=f"same as --{key}")
+    return p
+
+
+def parse_stage_args(stage: Stage, argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Split argv into the known flags and ``section.key=value`` overrides."""
+    parser = build_parser(stage)
+    ns, rest = parser.parse_known_args(list(argv))
+    overrides: list[str] = []
+    i = 0
+    while i < len(rest):
+        item = rest[i]
+        if not item.startswith("--") or "." not in item.split("=", 1)[0]:
+            parser.error(f"unexpected argument {item!r}: overrides look like --section.key=value")
+        if "=" not in item:  # "--section.key value"
+            if i + 1 >= len(rest):
+                parser.error(f"{item} needs a value")
+            item = f"{item}={rest[i + 1]}"
+            i += 1
+        overrides.append(item[2:])
+        i += 1
+    for alias, key in stage.aliases.items():
+        value = getattr(ns, f"alias_{alias}")
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return ns, overrides
+
+
+def run_stage(name: str, argv: Sequence[str]) -> dict:
+    """Parse arguments for stage ``name``, build its config, save it, run it, return the summary."""
+    stage = STAGES[name]
+    ns, overrides = parse_stage_args(stage, argv)
+    logging.basicConfig(
+        level=getattr(logging, str(ns.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    cfg_cls, run = stage.load()
+    cfg = load_config(cfg_cls, ns.config, overrides)
+    if ns.print_config:
+        from .config import dump_toml
+
+        sys.stdout.write(dump_toml(cfg))
+        return {}
+    log.info("peaknet %s %s", __version__, name)
+    for line in _changed_from_default(cfg, cfg_cls):
+        log.info("  %s", line)
+    out = _out_dir(cfg)
+    if out:
+        path = save_config(cfg, out, name)
+        log.info("resolved config saved to %s", path)
+    t0 = time.perf_counter()
+    summary = run(cfg) or {}
+    log.info("%s finished in %.1f s", name, time.perf_counter() - t0)
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"peaknet {__version__}: Bragg peak finding at facility scale\n")
+        print("usage: peaknet <stage> [--config FILE] [--section.key=value ...]\n\nstages:")
+        for s in STAGES.values():
+            print(f"  {s.name:<12} {s.help}")
+        print("\n'peaknet <stage> --help' shows a stage's options.")
+        return 0
+    if argv[0] == "--version":
+        print(__version__)
+        return 0
+    name = argv[0]
+    if name not in STAGES:
+        print(f"peaknet: unknown stage {name!r}; stages: {', '.join(STAGES)}", file=sys.stderr)
+        return 2
+    try:
+        summary = run_stage(name, argv[1:])
+    except ConfigError as exc:
+        print(f"peaknet {name}: config error: {exc}", file=sys.stderr)
+        return 2
+    if summary:
+        print(json.dumps(summary, default=str, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
