@@ -72,6 +72,34 @@ register(
 )
 
 
+register(
+    Stage(
+        "find-peaks",
+        "peaknet.findpeaks.config:FindPeaksConfig",
+        "peaknet.findpeaks.run:run",
+        "find Bragg peaks with peakfinder8 in CXI/HDF5 or CBF files, write CXI peak lists",
+        aliases={
+            "inputs": "run.inputs",
+            "geometry": "run.geometry",
+            "out": "run.out",
+            "preset": "peakfinder8.preset",
+        },
+        example="peaknet find-peaks --inputs 'runs/sim/*.cxi' --geometry epix10ka2m --out runs/peaks",
+    )
+)
+
+register(
+    Stage(
+        "demo",
+        "peaknet.demo:DemoConfig",
+        "peaknet.demo:run",
+        "the main job: the whole pipeline on generated data (simulate, ...)",
+        aliases={"out": "run.out", "frames": "run.frames", "detector": "run.detector"},
+        example="peaknet demo --out runs/demo",
+    )
+)
+
+
 def _out_dir(cfg: Any) -> Optional[str]:
     run = getattr(cfg, "run", None)
     out = getattr(run, "out", None) if run is not None else None
