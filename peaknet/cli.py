@@ -90,6 +90,17 @@ register(
 
 register(
     Stage(
+        "match",
+        "peaknet.match.stage:MatchConfig",
+        "peaknet.match.stage:run",
+        "PeakDiff: match found vs predicted peaks, curate frames, write tables and plots",
+        aliases={"found": "run.found", "predicted": "run.predicted", "out": "run.out"},
+        example="peaknet match --found runs/peaks/'*.cxi' --predicted runs/sim/'*.cxi' --out runs/match",
+    )
+)
+
+register(
+    Stage(
         "demo",
         "peaknet.demo:DemoConfig",
         "peaknet.demo:run",
