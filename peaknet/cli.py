@@ -104,7 +104,7 @@ register(
         "demo",
         "peaknet.demo:DemoConfig",
         "peaknet.demo:run",
-        "the main job: the whole pipeline on generated data (simulate, ...)",
+        "the main job: the whole pipeline on generated data",
         aliases={"out": "run.out", "frames": "run.frames", "detector": "run.detector"},
         example="peaknet demo --out runs/demo",
     )
