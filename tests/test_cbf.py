@@ -15,6 +15,7 @@ pytest.importorskip("pycbf")
 from peaknet.errors import DataError  # noqa: E402
 from peaknet.io.cbf import CBFFrame, cbf_asic_to_stack, read_cbf  # noqa: E402
 from peaknet.io.geometry import parse_geometry  # noqa: E402
+from realdata import real_data
 
 FRAMES = [
     "idx-20130301060858401.cbf",
@@ -26,13 +27,6 @@ WAVELENGTH_A = 1.2726  # per frame 1.27092 .. 1.27261 (header of each file)
 CELL_A, CELL_C = 93.4, 131.0  # thermolysin P6(1)22 as refined by DIALS
 
 
-def real_data(rel: str) -> Path:
-    """A file of shared/data/real (beside the checkout, or inside it on CI machines)."""
-    root = Path(__file__).resolve().parents[1]
-    for base in (root / "shared", root.parent / "shared"):
-        if (base / "data/real" / rel).exists():
-            return base / "data/real" / rel
-    pytest.skip(f"real data {rel} not available")
 
 
 @pytest.fixture(scope="module")

@@ -21,15 +21,9 @@ from peaknet.io.geometry import (
     parse_vector,
     write_geometry,
 )
+from realdata import real_data
 
 
-def real_data(rel: str) -> Path:
-    """A file of shared/data/real (beside the checkout, or inside it on CI machines)."""
-    root = Path(__file__).resolve().parents[1]
-    for base in (root / "shared", root.parent / "shared"):
-        if (base / "data/real" / rel).exists():
-            return base / "data/real" / rel
-    pytest.skip(f"real data {rel} not available")
 
 
 def stream_text() -> str:

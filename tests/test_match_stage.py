@@ -10,12 +10,11 @@ import pytest
 from peaknet.cli import run_stage
 from peaknet.errors import InputError
 
-SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
-STREAM = SHARED / "crystfel_5ht2b" / "test.stream"
+from realdata import real_data
 
 
-@pytest.mark.skipif(not STREAM.is_file(), reason="shared real data not beside the checkout")
 def test_match_stage_on_real_stream(tmp_path):
+    STREAM = real_data("crystfel_5ht2b/test.stream")
     summary = run_stage("match", ["--found", str(STREAM), "--out", str(tmp_path)])
     assert summary["n_frames"] == 32  # the indexed chunks
     assert summary["n_found"] == 833 and summary["n_predicted"] == 7966

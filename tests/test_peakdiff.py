@@ -24,15 +24,9 @@ from peaknet.match import (
     write_manifest,
 )
 from peaknet.peaks import PeakList
+from realdata import real_data
 
 
-def real_data(rel: str) -> Path:
-    """A file of shared/data/real (beside the checkout, or inside it on CI machines)."""
-    root = Path(__file__).resolve().parents[1]
-    for base in (root / "shared", root.parent / "shared"):
-        if (base / "data/real" / rel).exists():
-            return base / "data/real" / rel
-    pytest.skip(f"real data {rel} not available")
 
 
 def brute_force(a: np.ndarray, b: np.ndarray, cut: float) -> tuple[int, float]:

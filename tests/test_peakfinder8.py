@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import os
+
 import numpy as np
 import pytest
 
@@ -18,6 +20,7 @@ from peaknet.findpeaks import (
     preset,
 )
 from peaknet.findpeaks.peakfinder8 import N_ITERATIONS
+from realdata import real_data_root
 
 
 # --------------------------------------------------------------------------- reference
@@ -424,17 +427,12 @@ def test_emulated_c_growth_attaches_a_stale_slot_neighbour():
 
 
 # --------------------------------------------------------------------------- real CSPAD frames
-def _find_data():
-    root = Path(__file__).resolve().parents[1]
-    for base in (root.parent / "shared", root / "shared"):
-        d = base / "data" / "real" / "thermolysin_cspad"
-        if d.is_dir():
-            return d
-    return None
-
-
-DATA = _find_data()
-needs_data = pytest.mark.skipif(DATA is None, reason="shared/data/real/thermolysin_cspad not found")
+_ROOT = real_data_root()
+DATA = _ROOT / "thermolysin_cspad" if _ROOT is not None else None
+needs_data = pytest.mark.skipif(
+    DATA is None and os.environ.get("PEAKNET_REQUIRE_REAL_DATA") != "1",
+    reason="shared/data/real/thermolysin_cspad not found",
+)
 INDEXED = ["idx-20130301060858401.cbf", "idx-20130301060858701.cbf", "idx-20130301060858801.cbf"]
 #: psana's peakfinder8 on the three indexed frames, from shared/data/real/README.md (adc_thresh
 #: 100, min_snr 6, min_pix 2, max_pix 200, local_bg_radius 4, psana's nominal CSPAD geometry).

@@ -27,6 +27,7 @@ from peaknet.simulate.realism import (
     spot_moments,
     two_theta_map,
 )
+from realdata import real_data
 
 FRAMES = [
     "idx-20130301060858401.cbf",
@@ -37,12 +38,6 @@ FRAMES = [
 EDGES = np.linspace(0.02, 0.6, 30)  # 1/d bins, 1/Å
 
 
-def real_data(rel: str) -> Path:
-    root = Path(__file__).resolve().parents[1]
-    for base in (root / "shared", root.parent / "shared"):
-        if (base / "data/real" / rel).exists():
-            return base / "data/real" / rel
-    pytest.skip(f"real data {rel} not available")
 
 
 @pytest.fixture(scope="module")

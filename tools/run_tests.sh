@@ -24,6 +24,7 @@ t2=$SECONDS
 echo "run_tests.sh: system packages $((t1 - t0)) s, venv $((t2 - t1)) s; running pytest" >&2
 
 export PEAKNET_REQUIRE_CLUSTER="${PEAKNET_REQUIRE_CLUSTER:-1}"
+export PEAKNET_REQUIRE_REAL_DATA="${PEAKNET_REQUIRE_REAL_DATA:-1}" # shared/data/real beside the checkout
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 # loopback Ray head (see tools/cluster/ray_up.sh)
 export RAY_USAGE_STATS_ENABLED=0
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" # no network: fail at once instead of retrying
