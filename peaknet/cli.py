@@ -101,6 +101,17 @@ register(
 
 register(
     Stage(
+        "label",
+        "peaknet.label.stage:LabelConfig",
+        "peaknet.label.stage:run",
+        "fit pseudo-Voigt profiles to found peaks, write segmentation labels (serial, MPI or Ray; resumable)",
+        aliases={"inputs": "run.inputs", "out": "run.out", "backend": "run.backend"},
+        example="peaknet label --inputs 'runs/sim/*.cxi' --out runs/label --backend ray",
+    )
+)
+
+register(
+    Stage(
         "demo",
         "peaknet.demo:DemoConfig",
         "peaknet.demo:run",
@@ -109,6 +120,17 @@ register(
         example="peaknet demo --out runs/demo",
     )
 )
+
+
+def process_rank() -> int:
+    """This process's rank as its launcher numbered it (torchrun, mpiexec/Hydra, srun), else 0."""
+    import os
+
+    for key in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        value = os.environ.get(key, "")
+        if value.isdigit():
+            return int(value)
+    return 0
 
 
 def _out_dir(cfg: Any) -> Optional[str]:
@@ -186,11 +208,13 @@ def run_stage(name: str, argv: Sequence[str]) -> dict:
 
         sys.stdout.write(dump_toml(cfg))
         return {}
-    log.info("peaknet %s %s", __version__, name)
-    for line in _changed_from_default(cfg, cfg_cls):
-        log.info("  %s", line)
+    lead = process_rank() == 0  # in a multi-process job only the first process logs and saves
+    if lead:
+        log.info("peaknet %s %s", __version__, name)
+        for line in _changed_from_default(cfg, cfg_cls):
+            log.info("  %s", line)
     out = _out_dir(cfg)
-    if out:
+    if out and lead:
         path = save_config(cfg, out, name)
         log.info("resolved config saved to %s", path)
     t0 = time.perf_counter()

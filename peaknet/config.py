@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import pathlib
 import sys
 import types
@@ -302,7 +303,7 @@ def save_config(cfg: Any, out_dir: str | pathlib.Path, stage: str) -> pathlib.Pa
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"{stage}.config.toml"
-    tmp = target.with_suffix(".toml.tmp")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # unique: ranks may race
     tmp.write_text(dump_toml(cfg))
     tmp.replace(target)
     return target

@@ -1,0 +1,1 @@
+"""Launchers that start peaknet jobs from Python (submitit on Slurm, or locally)."""
