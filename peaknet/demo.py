@@ -7,6 +7,7 @@
 2. ``find-peaks``: peakfinder8 on those frames (the detector's preset), CXI peak lists.
 3. ``match``: PeakDiff of the found peaks against the detectable ground truth: precision,
    recall, curation manifest and plots.
+4. ``label``: pseudo-Voigt fits of the found peaks of the curated frames, segmentation labels.
 
 Each step writes into its own folder under ``run.out`` with its resolved config, and the demo
 writes ``summary.json`` with every step's summary.
@@ -119,6 +120,23 @@ def run(cfg: DemoConfig) -> dict:
     )
     log.info("step 3: match found peaks against the detectable truth -> %s", match_dir)
     summary["steps"]["match"] = match(m_cfg)
+
+    from .label.stage import LabelConfig
+    from .label.stage import run as label
+
+    label_dir = out / "label"
+    l_cfg = _stage_config(
+        LabelConfig,
+        {
+            "run": {"inputs": [str(sim_dir / "shard_*.cxi")], "peaks": str(peaks_dir / "{stem}.peaks.cxi"),
+                    "geometry": str(sim_dir / "geometry.geom"), "manifest": str(match_dir / "manifest.csv"),
+                    "out": str(label_dir), "backend": "serial"},
+        },
+        label_dir,
+        "label",
+    )
+    log.info("step 4: label the curated frames' peaks with pseudo-Voigt fits -> %s", label_dir)
+    summary["steps"]["label"] = label(l_cfg)
 
     summary["wall_s"] = round(time.perf_counter() - t0, 2)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
