@@ -112,6 +112,31 @@ register(
 
 register(
     Stage(
+        "train",
+        "peaknet.train.config:PretrainConfig",
+        "peaknet.train.trainer:run",
+        "supervised pre-training of PeakNet (focal loss; FSDP2 under torchrun)",
+        aliases={"out": "run.out", "steps": "run.steps", "preset": "model.preset"},
+        example="peaknet train --config peaknet/data/configs/pretrain-small-cpu.toml "
+        "--data.train='[\"runs/sim/shard_*.cxi\"]' --data.label_pattern='{dir}/{stem}.truth.h5' --out runs/pretrain",
+    )
+)
+
+register(
+    Stage(
+        "distill",
+        "peaknet.train.config:DistillConfig",
+        "peaknet.train.distill:run",
+        "distil a student PeakNet from cached teacher logits (FSDP2 ZeRO-2)",
+        aliases={"out": "run.out", "steps": "run.steps", "preset": "model.preset",
+                 "teacher-weights": "distill.teacher_weights"},
+        example="peaknet distill --config peaknet/data/configs/distill-student-atto.toml "
+        "--teacher-weights runs/pretrain-teacher/model.safetensors",
+    )
+)
+
+register(
+    Stage(
         "demo",
         "peaknet.demo:DemoConfig",
         "peaknet.demo:run",
