@@ -37,6 +37,7 @@ __all__ = [
     "Peakfinder8Params",
     "Peakfinder8Section",
     "FindPeaksRunSection",
+    "FindPeaksRaySection",
     "FindPeaksConfig",
     "PRESETS",
     "PresetName",
@@ -200,10 +201,26 @@ class FindPeaksRunSection:
     geometry: CrystFEL ``.geom`` for CXI inputs (slab layout, radius map, bad regions);
         CBF files carry their own metrology.
     mask_file, mask_path: optional HDF5 mask (1 = good) of one frame's shape, applied on top.
-    out: output folder: one ``<input stem>.peaks.cxi`` per input, plus ``findpeaks.summary.json``.
+    out: output folder: one ``<input stem>.peaks.cxi`` per input, plus ``findpeaks.summary.json``,
+        ``findpeaks.manifest.jsonl`` (every input event: done or skipped with the reason),
+        ``findpeaks.skipped.jsonl``, ``findpeaks.h5`` (all peaks, one table) and ``parts/``.
     max_frames: stop after this many frames in all, skipped ones included (None: all).
     max_nonfinite_fraction: a frame with a larger fraction of NaN/inf pixels is skipped (recorded
         with the reason); below it, NaN/inf pixels are treated as masked.
+
+    How the run is spread and kept (the rank-partitioned engine, :mod:`peaknet.parallel`):
+
+    backend: "auto" (MPI when launched by mpiexec/srun with several processes, else serial),
+        "serial", "mpi", "ray". Every backend writes the same outputs.
+    shard_size: frames per shard (one part file and record; the unit of resume).
+    batch_frames: frames read and searched together (one Ray task; frames held in memory at
+        once per rank).
+    assignment: shards to MPI ranks "round_robin" or "block".
+    resume / verify / keep_parts / stop_after_shards: see :class:`peaknet.parallel.RunOptions`
+        (a re-run keeps the complete shards of the same plan; stop_after_shards interrupts a
+        run on purpose).
+    compression_level: gzip level of the parts and of ``findpeaks.h5``.
+    progress: tqdm bar on rank 0 / the Ray driver.
     """
 
     inputs: list[str] = field(default_factory=list)
@@ -215,10 +232,27 @@ class FindPeaksRunSection:
     out: pathlib.Path = pathlib.Path("runs/findpeaks")
     max_frames: Optional[int] = None
     max_nonfinite_fraction: float = 0.5
+    backend: Literal["auto", "serial", "mpi", "ray"] = "auto"
+    shard_size: int = 200
+    batch_frames: int = 8
+    assignment: Literal["round_robin", "block"] = "round_robin"
+    resume: bool = True
+    verify: Literal["digest", "size"] = "digest"
+    keep_parts: bool = True
+    stop_after_shards: Optional[int] = None
+    compression_level: int = 4
+    progress: bool = True
 
     def validate(self) -> None:
         if not self.inputs:
             raise ValueError("inputs: at least one input file or glob pattern is needed")
+        for key in ("shard_size", "batch_frames"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.stop_after_shards is not None and self.stop_after_shards < 0:
+            raise ValueError(f"stop_after_shards: must be >= 0, got {self.stop_after_shards}")
+        if not 1 <= self.compression_level <= 9:
+            raise ValueError(f"compression_level: must be 1..9, got {self.compression_level}")
         if self.max_frames is not None and self.max_frames < 0:
             raise ValueError(f"max_frames: must be >= 0, got {self.max_frames}")
         if not 0.0 <= self.max_nonfinite_fraction <= 1.0:
@@ -228,8 +262,39 @@ class FindPeaksRunSection:
 
 
 @dataclass
+class FindPeaksRaySection:
+    """``[ray]``: used with ``run.backend = "ray"``.
+
+    address: a running Ray cluster ("127.0.0.1:6379"; "auto" finds any Ray on this machine);
+        None starts a private one on 127.0.0.1 with ``num_cpus`` CPUs for the run.
+    max_in_flight: frame-batch tasks in flight, capped at ``in_flight_per_cpu`` x the
+        cluster's CPUs. batch_cpus: CPUs reserved by a frame-batch task (it reads its frames
+        and runs peakfinder8 on each). max_retries: retries of tasks whose worker died.
+    """
+
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None
+    temp_dir: Optional[str] = None
+    namespace: str = "peaknet"
+    max_in_flight: int = 80
+    in_flight_per_cpu: float = 2.0
+    batch_cpus: float = 1.0
+    max_retries: int = 3
+
+    def validate(self) -> None:
+        if self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight: must be >= 1, got {self.max_in_flight}")
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ValueError(f"num_cpus: must be >= 1, got {self.num_cpus}")
+        for key in ("batch_cpus", "in_flight_per_cpu"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key}: must be > 0, got {getattr(self, key)}")
+
+
+@dataclass
 class FindPeaksConfig:
-    """Config of ``peaknet findpeaks``: ``[run]`` and ``[peakfinder8]``."""
+    """Config of ``peaknet findpeaks``: ``[run]``, ``[peakfinder8]`` and ``[ray]``."""
 
     run: FindPeaksRunSection = field(default_factory=FindPeaksRunSection)
     peakfinder8: Peakfinder8Section = field(default_factory=Peakfinder8Section)
+    ray: FindPeaksRaySection = field(default_factory=FindPeaksRaySection)

@@ -94,6 +94,19 @@ class RunSection:
     progress: show a tqdm progress bar.
     overwrite: rewrite shards that already exist (else shards written earlier with the same
         config are kept, so an interrupted job can simply be restarted).
+
+    Spreading the shards (:mod:`peaknet.simulate.distributed`; the frames do not depend on it):
+
+    backend: "auto" (MPI when mpiexec/srun started several processes, else one process),
+        "serial" or "mpi": every rank writes its own shards (shard k to rank k % size), rank 0
+        writes geometry, manifest and summary once all are there.
+    shard_index, shard_count: this job writes the shards k with k % shard_count == shard_index
+        (a Slurm array task, or any hand-made split); the job that finds every shard present
+        writes geometry, manifest and summary.
+    array: take shard_index / shard_count from the Slurm array task (SLURM_ARRAY_TASK_ID,
+        _MIN, _STEP, _COUNT): ``sbatch --array=0-7 slurm/simulate.sbatch ...``.
+    finalize_only: write no frames; check that every shard of this config is present and write
+        geometry, manifest and summary (``peaknet simulate --config C --run.finalize_only=true``).
     """
 
     detector: DetectorName = "epix10ka2m"
@@ -110,9 +123,21 @@ class RunSection:
     max_peaks: int = 2048
     progress: bool = True
     overwrite: bool = False
+    backend: Literal["auto", "serial", "mpi"] = "auto"
+    shard_index: Optional[int] = None
+    shard_count: Optional[int] = None
+    array: bool = False
+    finalize_only: bool = False
 
     def validate(self) -> None:
         _need(self.frames >= 0, "frames", f"must be >= 0, got {self.frames}")
+        _need((self.shard_index is None) == (self.shard_count is None), "shard_index",
+              "shard_index and shard_count go together")
+        if self.shard_count is not None:
+            _need(self.shard_count >= 1, "shard_count", f"must be >= 1, got {self.shard_count}")
+            _need(0 <= self.shard_index < self.shard_count, "shard_index",
+                  f"must be in 0..{self.shard_count - 1}, got {self.shard_index}")
+            _need(not self.array, "array", "give either run.array or shard_index/shard_count")
         _need(self.frames_per_shard >= 1, "frames_per_shard", f"must be >= 1, got {self.frames_per_shard}")
         _need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         _need(self.max_peaks >= 1, "max_peaks", f"must be >= 1, got {self.max_peaks}")

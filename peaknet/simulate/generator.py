@@ -459,7 +459,11 @@ def iter_frames(
 
 def run(cfg: SimulateConfig) -> dict:
     """Stage entry point (``peaknet simulate``): write shards, truth, manifest and summary into
-    ``cfg.run.out``; return the summary. See :func:`peaknet.simulate.writer.run`."""
+    ``cfg.run.out``; return the summary. See :func:`peaknet.simulate.writer.run`; MPI ranks and
+    Slurm array tasks: :mod:`peaknet.simulate.distributed`."""
+    from . import distributed
     from .writer import run as _run
 
+    if distributed.is_distributed(cfg):
+        return distributed.run(cfg)
     return _run(cfg)

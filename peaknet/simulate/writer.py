@@ -91,6 +91,8 @@ __all__ = [
     "read_truth_frame",
     "read_truth_reflections",
     "config_hash",
+    "write_run_files",
+    "DISTRIBUTION_KEYS",
 ]
 
 log = logging.getLogger(__name__)
@@ -107,17 +109,24 @@ COORDINATES = (
 )
 
 
+#: [run] keys that say how the shards are spread over processes (they never change a frame)
+DISTRIBUTION_KEYS = ("backend", "shard_index", "shard_count", "array", "finalize_only")
+
+
 def _config_text(cfg: SimulateConfig) -> str:
     from peaknet.config import dump_toml
 
-    return dump_toml(cfg)
+    defaults = type(cfg.run)()  # how the shards were spread is not part of what they hold
+    run = dataclasses.replace(cfg.run, **{k: getattr(defaults, k) for k in DISTRIBUTION_KEYS})
+    return dump_toml(dataclasses.replace(cfg, run=run))
 
 
 def config_hash(cfg: SimulateConfig) -> str:
     """Hash of everything that changes the frames (the config without run.out, run.progress,
-    run.frames and run.overwrite): shards written with equal hashes are interchangeable."""
+    run.frames, run.overwrite and the distribution keys): shards written with equal hashes
+    are interchangeable."""
     d = dataclasses.asdict(cfg)
-    for k in ("out", "progress", "frames", "overwrite"):
+    for k in ("out", "progress", "frames", "overwrite", *DISTRIBUTION_KEYS):
         d["run"].pop(k, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -434,7 +443,14 @@ def run(cfg: SimulateConfig) -> dict:
     finally:
         if bar is not None:
             bar.close()
-    elapsed = time.perf_counter() - t0
+    return write_run_files(cfg, sim, entries, n_generated, time.perf_counter() - t0, setup_s)
+
+
+def write_run_files(cfg: SimulateConfig, sim: Simulator, entries: list, n_generated: int,
+                    elapsed: float, setup_s: float, extra: Optional[dict] = None) -> dict:
+    """``manifest.json`` (the shards' entries, in shard order) and ``summary.json`` of a run
+    whose shards are all written; returns the summary. ``extra``: more summary keys."""
+    out = Path(cfg.run.out)
     frames = sum(e["n_frames"] for e in entries)
     hits = sum(e["n_hits"] for e in entries)
     manifest = {
@@ -470,13 +486,15 @@ def run(cfg: SimulateConfig) -> dict:
         "clen_m": sim.clen_m,
         "adu_per_photon": sim.adu_per_photon,
         "manifest": str(out / "manifest.json"),
+        **(extra or {}),
     }
     _write_json(out / "summary.json", summary)
     return summary
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # a temporary name of its own: several array tasks may finalize the same run at once
+    tmp = path.with_name(f"{path.name}.{os.uname().nodename}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
     os.replace(tmp, path)
 
