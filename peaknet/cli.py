@@ -83,6 +83,7 @@ register(
             "geometry": "run.geometry",
             "out": "run.out",
             "preset": "peakfinder8.preset",
+            "backend": "run.backend",
         },
         example="peaknet find-peaks --inputs 'runs/sim/*.cxi' --geometry epix10ka2m --out runs/peaks",
     )
