@@ -138,6 +138,19 @@ register(
 
 register(
     Stage(
+        "infer",
+        "peaknet.infer.config:InferConfig",
+        "peaknet.infer.stage:run",
+        "find peaks at scale: MPI producers -> Ray queue -> inference actors -> CXI writers "
+        "(pipeline.mode=hybrid) or the legacy MPI coupling (pipeline.mode=legacy)",
+        aliases={"inputs": "source.inputs", "geometry": "source.geometry", "out": "run.out",
+                 "mode": "pipeline.mode", "predictor": "predictor.kind", "weights": "predictor.weights"},
+        example="peaknet infer --inputs 'runs/sim/*.cxi' --geometry epix10ka2m --out runs/infer",
+    )
+)
+
+register(
+    Stage(
         "demo",
         "peaknet.demo:DemoConfig",
         "peaknet.demo:run",
