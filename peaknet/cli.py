@@ -151,6 +151,20 @@ register(
 
 register(
     Stage(
+        "evaluate",
+        "peaknet.evaluate:EvaluateConfig",
+        "peaknet.evaluate:run",
+        "peak-level precision/recall/F1 of PeakNet or peakfinder8 on generated and real frames",
+        aliases={"predictor": "run.predictor", "weights": "model.weights",
+                 "threshold": "model.threshold", "preset": "peakfinder8.preset",
+                 "shards": "data.shards", "cbf": "data.cbf", "out": "run.out"},
+        example="peaknet evaluate --predictor model --weights default "
+        "--shards 'runs/sim/shard_*.cxi' --out runs/eval",
+    )
+)
+
+register(
+    Stage(
         "demo",
         "peaknet.demo:DemoConfig",
         "peaknet.demo:run",

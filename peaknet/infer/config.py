@@ -196,7 +196,9 @@ class PredictorSection:
     kind: ``peaknet`` (the neural network) or ``peakfinder8`` (``[predictor.peakfinder8]``).
     preset: PeakNet preset (``peaknet.model.list_presets()``); weights: a ``.safetensors`` file
         or a torch checkpoint read with ``weights_only=True`` (never arbitrary pickle); None:
-        random weights from ``seed`` (a placeholder until trained weights exist; logged).
+        the shipped default model (``peaknet.models``) when ``preset`` is its preset and
+        ``default_weights`` is true (its tuned threshold too, unless ``threshold`` is set),
+        else random weights from ``seed`` (a placeholder; logged as a warning).
     device: ``auto`` (CUDA when available), ``cpu``, ``cuda``.
     dtype: ``auto`` (bfloat16 autocast on GPU, float32 on CPU), ``float32``, ``bfloat16``.
     compile: ``auto`` (torch.compile on GPU only), ``on``, ``off``.
@@ -209,6 +211,7 @@ class PredictorSection:
     preset: str = "small-cpu"
     weights: Optional[pathlib.Path] = None
     seed: int = 0
+    default_weights: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     compile: Literal["auto", "on", "off"] = "auto"
@@ -229,6 +232,13 @@ class PredictorSection:
         _need(self.max_pix is None or self.max_pix >= self.min_pix, "max_pix", "must be >= min_pix")
         if self.weights is not None:
             _need(pathlib.Path(self.weights).is_file(), "weights", f"{self.weights} is not a file")
+        elif self.kind == "peaknet" and self.default_weights:
+            from peaknet.models import DEFAULT_MODEL
+
+            if self.preset == DEFAULT_MODEL.preset and pathlib.Path(DEFAULT_MODEL.weights).is_file():
+                self.weights = pathlib.Path(DEFAULT_MODEL.weights)
+                if self.threshold is None:
+                    self.threshold = DEFAULT_MODEL.threshold
 
 
 @dataclass
