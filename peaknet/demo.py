@@ -119,13 +119,6 @@ def label_vs_truth(labels_h5, truth_for=_truth_path) -> dict:
             "iou": ratio(tp, tp + fp + fn), "truth_in_ignore": ratio(ign, tp + fn)}
 
 
-def _shipped_weights():
-    """The shipped default model's weights file, or None if the package has none."""
-    folder = pathlib.Path(__file__).resolve().parent / "data" / "models"
-    found = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    return found[0] if found else None
-
-
 def run(cfg: DemoConfig) -> dict:
     """Run every available pipeline step on generated data; return a summary per step."""
     out = pathlib.Path(cfg.run.out)
@@ -216,19 +209,18 @@ def run(cfg: DemoConfig) -> dict:
     from .infer.stage import run as infer
 
     infer_dir = out / "infer"
-    weights = _shipped_weights()
     i_cfg = _stage_config(
         InferConfig,
         {
             "run": {"out": str(infer_dir)},
             "source": {"inputs": [str(sim_dir / "shard_*.cxi")], "geometry": str(sim_dir / "geometry.geom")},
-            "predictor": {"kind": "peaknet", **({"weights": str(weights)} if weights else {})},
+            "predictor": {"kind": "peaknet"},  # the shipped default model when the package has one
         },
         infer_dir,
         "infer",
     )
     log.info("step 5: hybrid inference pipeline with %s -> %s",
-             weights.name if weights else "a randomly initialised model (no shipped weights found)", infer_dir)
+             i_cfg.predictor.weights or "a randomly initialised model (no shipped weights)", infer_dir)
     inf = infer(i_cfg)
     summary["steps"]["infer"] = {k: v for k, v in inf.items() if k != "final_metrics"}
     summary["headline"] = {
