@@ -69,7 +69,8 @@ def real_data(rel: str) -> Path:
     pytest.skip(f"real data {rel} not available")
 
 
-CSPAD_CFG = dict(tile_shape=(185, 194), saturation=16383.0)
+# the CBF headers say gain 1.0 (a placeholder); CSPAD reads ~10 ADU per 9.5 keV photon
+CSPAD_CFG = dict(tile_shape=(185, 194), saturation=16383.0, adu_per_photon=10.0)
 
 
 def cspad_mask(stack: np.ndarray) -> np.ndarray:
@@ -373,6 +374,84 @@ def test_real_frame_labels(real_windows):
     assert np.median(d[ok]) < 0.5
     assert 1 <= np.median(res.table["npix_label"][ok]) <= 9
     assert res.label.sum() == res.table["npix_label"][ok].sum()  # windows do not overlap here
+
+
+# ----------------------------------------------------------------------------------------------
+# gain: fits in photon units
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fit", [fit_batched, fit_lmfit])
+def test_fit_is_gain_invariant(fit):
+    """The same photons read out at 1 and at 140 ADU/photon: same fit, redchi in photons,
+    amplitudes and background in ADU."""
+    d, _ = synthetic_windows(30, 12)
+    cfg = LabelFitConfig(device="cpu")
+    a = fit(d, None, cfg)
+    b = fit(d * 140.0, None, LabelFitConfig(device="cpu", adu_per_photon=140.0))
+    c = fit(d * 140.0, None, cfg, gain=np.full(30, 140.0))
+    for r in (b, c):
+        np.testing.assert_allclose(r.redchi, a.redchi, rtol=1e-5)
+        np.testing.assert_allclose(r.params[:, IDX["cy"]], a.params[:, IDX["cy"]], atol=1e-5)
+        np.testing.assert_allclose(r.params[:, IDX["A"]], 140.0 * a.params[:, IDX["A"]], rtol=1e-5)
+        np.testing.assert_allclose(r.params[:, IDX["c"]], 140.0 * a.params[:, IDX["c"]], rtol=1e-5)
+    # Poisson-limited fits of the true model: redchi ~ 1 in photon units
+    assert 0.7 < np.median(a.redchi) < 1.3
+    # ... but ~ the gain when ADU are taken as photons
+    raw = fit(d * 140.0, None, cfg)
+    assert np.median(raw.redchi) > 50
+
+
+def test_per_module_gain():
+    """A gain per module (P,): each window is fitted with its module's gain."""
+    d, _ = synthetic_windows(8, 13)
+    w1 = Windows.from_arrays(d)
+    scaled = d.copy()
+    scaled[4:] *= 50.0
+    w2 = Windows.from_arrays(scaled)
+    w2.panel[4:] = 1
+    cfg = LabelFitConfig(device="cpu")
+    a = fit_windows(w1, cfg, gain=1.0)
+    b = fit_windows(w2, cfg, gain=np.array([1.0, 50.0]))
+    np.testing.assert_allclose(b.redchi, a.redchi, rtol=1e-5)
+    np.testing.assert_allclose(b.params[4:, IDX["A"]], 50 * a.params[4:, IDX["A"]], rtol=1e-5)
+    np.testing.assert_allclose(b.params[:4], a.params[:4], rtol=1e-9)
+
+
+def test_adu_per_photon_resolution():
+    from peaknet.io.geometry import load_builtin_geometry
+    from peaknet.label import resolve_adu_per_photon
+
+    auto = LabelFitConfig()
+    assert auto.adu_per_photon == "auto"
+    epix = load_builtin_geometry("epix10ka2m")  # adu_per_eV x photon energy
+    g, src = resolve_adu_per_photon(auto, epix)
+    assert src == "geometry" and g == pytest.approx(0.0147 * 9500)
+    g, src = resolve_adu_per_photon(auto, load_builtin_geometry("jungfrau4m"))  # adu_per_photon
+    assert g == pytest.approx(1.0) and src == "geometry"
+    assert resolve_adu_per_photon(LabelFitConfig(adu_per_photon=7.5), epix) == (7.5, "config")
+    assert resolve_adu_per_photon(auto, None) == (1.0, "default: no gain known")
+    cfg = config_from_dict(LabelFitConfig, {"adu_per_photon": 12})
+    assert cfg.adu_per_photon == 12.0
+    for bad in (0, -3, "lots"):
+        with pytest.raises(ConfigError) as e:
+            config_from_dict(LabelFitConfig, {"adu_per_photon": bad})
+        assert e.value.field == "adu_per_photon"
+
+
+def test_real_redchi_in_photon_units(real_windows):
+    """At 10 ADU/photon the DIALS-indexed peaks' fits have redchi ~1 and nearly all pass the
+    default redchi_max; taken as photons (gain 1) most would be rejected."""
+    rc = {}
+    for gain in (1.0, 10.0):
+        cfg = LabelFitConfig(device="cpu", **{**CSPAD_CFG, "adu_per_photon": gain})
+        tabs = [label_peaks(s, p, cspad_mask(s), cfg).table for s, p, _ in real_windows.values()]
+        st = np.concatenate([t["status"] for t in tabs])
+        rc[gain] = (np.concatenate([t["redchi"] for t in tabs]), st)
+    r10, st10 = rc[10.0]
+    fitted = np.isin(st10, [Status.OK, Status.REJECTED_REDCHI])
+    assert 0.3 < np.median(r10[fitted]) < 1.5
+    assert np.mean(st10 == Status.OK) >= 0.9
+    r1, st1 = rc[1.0]
+    assert np.mean(st1 == Status.OK) < 0.5
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ progress = false
 [fit]
 device = "cpu"
 max_nfev = 200
+adu_per_photon = 10.0  # the generator's CSPAD gain (no geometry here: "auto" would say 1.0)
 """
 
 
@@ -403,6 +404,27 @@ def test_bad_events_are_skipped_and_accounted(data, tmp_path):
         assert not h5["labels/mask"][k].any() and h5["frames/n_peaks"][k] == 0
         reason = h5["events/reason"][k].decode()
         assert "NaN" in reason
+
+
+def test_frame_with_zero_peaks(data, tmp_path):
+    """A frame whose peak list is empty is labelled (all background), not a crash; alone in
+    its batch or next to frames with peaks."""
+    from peaknet.peaks import PeakList
+
+    frames = data["frames"][:3]
+    lists = [PeakList(), data["peaks"][1], PeakList()]
+    path = _write_cxi(tmp_path / "empty.cxi", frames, lists, data["ids"][:3])
+    for batch in (1, 2):
+        out = tmp_path / f"empty{batch}"
+        cfg = _config(tmp_path, [path], out)
+        s = _run_inprocess(cfg, "run.backend=serial", f"run.batch_frames={batch}")
+        assert s["events"] == {"done": 3, "skipped": 0}
+        assert s["peaks"]["total"] == len(lists[1])
+        with h5py.File(out / "labels.h5", "r") as h5:
+            assert h5["frames/n_peaks"][()].tolist() == [0, len(lists[1]), 0]
+            assert not h5["labels/mask"][0].any() and not h5["labels/mask"][2].any()
+            assert (h5["labels/mask"][1] == 1).any()
+            assert set(h5["peaks/event"][()].tolist()) == {1}
 
 
 def test_manifest_selects_events(data, tmp_path):

@@ -16,14 +16,15 @@ imported from their submodules (``from peaknet.label.fit_batched import fit_batc
 """
 from .config import LabelFitConfig
 from .labels import LabelResult, assign_status, fit_windows, label_peaks, peak_table, \
-    render_labels
+    render_labels, resolve_adu_per_photon
 from .pvoigt import PARAM_NAMES, WindowFits, initial_guess, jacobian, model, param_bounds, \
     profile, pvoigt2d
 from .windows import STATUS_NAMES, Flag, Status, Windows, cut_windows
 
 __all__ = [
     "LabelFitConfig", "LabelResult", "label_peaks", "fit_windows", "assign_status",
-    "render_labels", "peak_table", "cut_windows", "Windows", "Status", "Flag", "STATUS_NAMES",
+    "render_labels", "peak_table", "resolve_adu_per_photon", "cut_windows", "Windows",
+    "Status", "Flag", "STATUS_NAMES",
     "WindowFits", "PARAM_NAMES", "pvoigt2d", "model", "profile", "jacobian", "param_bounds",
     "initial_guess",
 ]

@@ -1,7 +1,8 @@
 """Batched Levenberg-Marquardt fits of thousands of pseudo-Voigt windows at once (torch).
 
 Same objective as the lmfit reference (:mod:`peaknet.label.fit_lmfit`): residuals
-``w (model - data)`` with ``w = 1/sqrt(max(I, 0) + 1)`` (0 on masked pixels), minimised in
+``w (model - data)`` with ``w = 1/sqrt(max(I, 0) + 1)`` (0 on masked pixels), data and ``I`` in
+photons (data / ``adu_per_photon``; A, a, b, c are returned in ADU), minimised in
 lmfit's internal coordinates (its MINUIT-style sin/sqrt bound transform, see
 :mod:`peaknet.label.pvoigt`), from the same initial guesses. With the same parameterisation the
 minima coincide; so that the solver also lands in the *same* minimum as lmfit where the
@@ -43,7 +44,7 @@ import torch
 
 from .config import LabelFitConfig
 from .pvoigt import BOTH, LOWER, NPARAMS, UPPER, WindowFits, bound_kinds, initial_guess, param_bounds, \
-    pixel_weights, to_external, to_internal
+    pixel_weights, scale_params, to_external, to_internal, window_gains
 
 _EPS = float(np.finfo(np.float64).eps)
 _DWARF = float(np.finfo(np.float64).tiny)
@@ -456,10 +457,14 @@ def _solve(mdl: _Model, u_all: torch.Tensor, data_all: torch.Tensor, w_all: torc
 
 
 def fit_batched(data: np.ndarray, good: Optional[np.ndarray] = None,
-                cfg: Optional[LabelFitConfig] = None, p0: Optional[np.ndarray] = None) -> WindowFits:
+                cfg: Optional[LabelFitConfig] = None, p0: Optional[np.ndarray] = None,
+                gain=None) -> WindowFits:
     """Fit windows ``data`` (N, w, w) with good-pixel mask ``good`` (N, w, w), all at once.
 
-    ``p0`` (N, 11) starting values (default :func:`~peaknet.label.pvoigt.initial_guess`).
+    ``p0`` (N, 11) starting values in ADU (default :func:`~peaknet.label.pvoigt.initial_guess`);
+    ``gain``: ADU per photon, a number or (N,) (default ``cfg.adu_per_photon``, 1 if "auto"):
+    the fit runs on data / gain (as the lmfit reference), A, a, b, c come back in ADU, chisqr
+    in photon units.
     Uses ``cfg.device``, ``cfg.batch_size`` (working-set size), ``cfg.max_nfev``,
     ``cfg.ftol``, ``cfg.xtol``, ``cfg.width_min``/``width_max``. Returns
     :class:`~peaknet.label.pvoigt.WindowFits` with solver "batched".
@@ -468,12 +473,16 @@ def fit_batched(data: np.ndarray, good: Optional[np.ndarray] = None,
     t0 = time.perf_counter()
     data = np.asarray(data, dtype=np.float64)
     n, h, w = data.shape
+    g = window_gains(n, gain, cfg)
     good = np.isfinite(data) if good is None else (np.asarray(good, bool) & np.isfinite(data))
-    data = np.where(good, data, 0.0)
+    data = np.where(good, data / g[:, None, None], 0.0)
     lo, hi = param_bounds(w, cfg.width_min, cfg.width_max)
     if p0 is None:
         p0 = initial_guess(data, good, cfg.width_min, cfg.width_max, cfg.guess_core_fraction)
+    else:
+        p0 = scale_params(np.asarray(p0, dtype=np.float64).reshape(n, NPARAMS), 1.0 / g)
     out = WindowFits.empty(n, "batched")
+    out.extra["adu_per_photon"] = g
     out.ndata = good.sum(axis=(1, 2)).astype(np.int64)
     if n == 0:
         return out
@@ -489,7 +498,7 @@ def fit_batched(data: np.ndarray, good: Optional[np.ndarray] = None,
                      torch.as_tensor(data[fit].reshape(m, -1), device=device),
                      torch.as_tensor(weights.reshape(m, -1), device=device), cfg)
         u, chisq, nfev, info = (r.cpu().numpy() for r in res)
-        out.params[fit] = to_external(u, lo, hi)
+        out.params[fit] = scale_params(to_external(u, lo, hi), g[fit])
         out.chisqr[fit] = chisq
         out.nfev[fit] = nfev
         out.info[fit] = info

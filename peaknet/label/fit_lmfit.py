@@ -5,9 +5,10 @@ Levenberg-Marquardt through ``scipy.optimize.leastsq`` with forward-difference d
 lmfit's MINUIT-style transform for the bounded parameters, ``ftol = xtol = 1.5e-8`` (lmfit's
 defaults) and ``max_nfev`` from the config (the authors used 2000), restarted from its last
 values every ``restart_nfev`` evaluations (see :class:`~peaknet.label.config.LabelFitConfig`).
-Residuals are
-``(model - data) / sqrt(max(I, 0) + 1)`` over the good pixels only (masked pixels are left out,
-which is the same objective as weight zero; ``ndata`` counts good pixels).
+Residuals are ``(model - data) / sqrt(max(I, 0) + 1)`` in photon units (data /
+``adu_per_photon``, see :func:`~peaknet.label.pvoigt.window_gains`; A, a, b, c are returned in
+ADU) over the good pixels only (masked pixels are left out, which is the same objective as
+weight zero; ``ndata`` counts good pixels).
 
 :func:`fit_scipy` is a second, independent reference on the same objective: scipy's
 ``least_squares`` (trust-region reflective, bounds handled directly, analytic Jacobian) from
@@ -23,19 +24,23 @@ import numpy as np
 
 from .config import LabelFitConfig
 from .pvoigt import IDX, NPARAMS, PARAM_NAMES, WindowFits, initial_guess, jacobian, \
-    param_bounds, pixel_weights, pvoigt2d, window_grid
+    param_bounds, pixel_weights, pvoigt2d, scale_params, window_gains, window_grid
 
 
-def _prepare(data, good, cfg, p0):
+def _prepare(data, good, cfg, p0, gain=None):
+    """Config, data in photons, good mask, bounds, starting values (photons), gains (n,)."""
     cfg = cfg or LabelFitConfig()
     data = np.asarray(data, dtype=np.float64)
     n, h, w = data.shape
+    g = window_gains(n, gain, cfg)
     good = np.isfinite(data) if good is None else (np.asarray(good, bool) & np.isfinite(data))
-    data = np.where(good, data, 0.0)
+    data = np.where(good, data / g[:, None, None], 0.0)
     lo, hi = param_bounds(w, cfg.width_min, cfg.width_max)
     if p0 is None:
         p0 = initial_guess(data, good, cfg.width_min, cfg.width_max, cfg.guess_core_fraction)
-    return cfg, data, good, lo, hi, np.asarray(p0, dtype=np.float64)
+    else:
+        p0 = scale_params(np.asarray(p0, dtype=np.float64).reshape(n, NPARAMS), 1.0 / g)
+    return cfg, data, good, lo, hi, np.asarray(p0, dtype=np.float64), g
 
 
 def _residual(params, y, x, d, wt):
@@ -81,15 +86,18 @@ def fit_window_lmfit(data: np.ndarray, good: np.ndarray, p0: np.ndarray, lo: np.
 
 
 def fit_lmfit(data: np.ndarray, good: Optional[np.ndarray] = None,
-              cfg: Optional[LabelFitConfig] = None, p0: Optional[np.ndarray] = None) -> WindowFits:
+              cfg: Optional[LabelFitConfig] = None, p0: Optional[np.ndarray] = None,
+              gain=None) -> WindowFits:
     """Fit each window ``data`` (N, w, w) with lmfit ``leastsq``, one after the other.
 
-    ``good`` (N, w, w) marks the pixels that enter the fit; ``p0`` (N, 11) starting values
-    (default :func:`~peaknet.label.pvoigt.initial_guess`). A window whose fit raises is
+    ``good`` (N, w, w) marks the pixels that enter the fit; ``p0`` (N, 11) starting values in
+    ADU (default :func:`~peaknet.label.pvoigt.initial_guess`); ``gain``: ADU per photon, a
+    number or (N,) (default ``cfg.adu_per_photon``, 1 if "auto"): the fit runs on data / gain,
+    A, a, b, c come back in ADU, chisqr in photon units. A window whose fit raises is
     recorded as not converged (info -2), never re-raised.
     """
     t0 = time.perf_counter()
-    cfg, data, good, lo, hi, p0 = _prepare(data, good, cfg, p0)
+    cfg, data, good, lo, hi, p0, g = _prepare(data, good, cfg, p0, gain)
     n = data.shape[0]
     out = WindowFits.empty(n, "lmfit")
     out.ndata = good.sum(axis=(1, 2)).astype(np.int64)
@@ -110,12 +118,15 @@ def fit_lmfit(data: np.ndarray, good: Optional[np.ndarray] = None,
             ier = getattr(res, "ier", -1)
             out.info[i] = ier if not res.aborted else 5
             out.converged[i] = bool(res.success)
+    out.params = scale_params(out.params, g)
+    out.extra["adu_per_photon"] = g
     out.seconds = time.perf_counter() - t0
     return out
 
 
 def fit_scipy(data: np.ndarray, good: Optional[np.ndarray] = None,
-              cfg: Optional[LabelFitConfig] = None, p0: Optional[np.ndarray] = None) -> WindowFits:
+              cfg: Optional[LabelFitConfig] = None, p0: Optional[np.ndarray] = None,
+              gain=None) -> WindowFits:
     """Second reference: ``scipy.optimize.least_squares`` (TRF, direct bounds, analytic Jacobian).
 
     Tolerances 1e-12 (tight: it is a referee, not a production path). info holds scipy's
@@ -124,7 +135,7 @@ def fit_scipy(data: np.ndarray, good: Optional[np.ndarray] = None,
     from scipy.optimize import least_squares
 
     t0 = time.perf_counter()
-    cfg, data, good, lo, hi, p0 = _prepare(data, good, cfg, p0)
+    cfg, data, good, lo, hi, p0, g = _prepare(data, good, cfg, p0, gain)
     n, _, w = data.shape
     y, x = window_grid(w)
     out = WindowFits.empty(n, "scipy")
@@ -158,6 +169,8 @@ def fit_scipy(data: np.ndarray, good: Optional[np.ndarray] = None,
         out.nfev[i] = int(res.nfev)
         out.info[i] = int(res.status)
         out.converged[i] = res.status > 0
+    out.params = scale_params(out.params, g)
+    out.extra["adu_per_photon"] = g
     out.seconds = time.perf_counter() - t0
     return out
 

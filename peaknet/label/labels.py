@@ -19,8 +19,9 @@ redchi, nfev, the status (code and name) and the flags.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 
@@ -29,11 +30,79 @@ from .config import LabelFitConfig
 from .pvoigt import IDX, PARAM_NAMES, WindowFits, profile, window_grid
 from .windows import STATUS_NAMES, PeaksLike, Status, Windows, cut_windows
 
+log = logging.getLogger("peaknet.label")
+
+
+def geometry_adu_per_photon(geometry, n_modules: Optional[int] = None) -> Optional[np.ndarray]:
+    """ADU per photon of each stack module (P,) from a geometry's panels: ``adu_per_photon``,
+    else ``adu_per_eV`` x ``geometry.photon_energy_eV``; the median of a module's panels;
+    modules without a gain get the median of the others. None if no panel has a gain."""
+    if geometry is None:
+        return None
+    energy = getattr(geometry, "photon_energy_eV", None)
+    per_panel = []
+    for p in geometry.panels:
+        g = p.adu_per_photon
+        if g is None and p.adu_per_eV is not None and energy:
+            g = p.adu_per_eV * energy
+        per_panel.append(np.nan if g is None or not g > 0 else float(g))
+    per_panel = np.asarray(per_panel, dtype=np.float64)
+    if not np.isfinite(per_panel).any():
+        return None
+    try:
+        groups = geometry.module_panels
+    except Exception:  # noqa: BLE001 - a geometry without a stack layout: one module
+        groups = [list(range(len(per_panel)))]
+    out = np.array([np.nanmedian(per_panel[idx]) if np.isfinite(per_panel[idx]).any() else np.nan
+                    for idx in groups])
+    out[~np.isfinite(out)] = np.nanmedian(out)
+    if n_modules is not None and len(out) != n_modules:
+        if np.allclose(out, out[0]):
+            return np.full(n_modules, out[0])
+        return None
+    return out
+
+
+def resolve_adu_per_photon(cfg: Optional[LabelFitConfig] = None, geometry=None,
+                           n_modules: Optional[int] = None) -> tuple[Union[float, np.ndarray], str]:
+    """The gain the fits use: ``(gain, source)``, gain a number or a (P,) array per module.
+
+    ``cfg.adu_per_photon`` a number: that number ("config"). "auto": from ``geometry``
+    (:func:`geometry_adu_per_photon`, "geometry"), else 1.0 ("default: no gain known", logged
+    as a warning: the reduced chi-square is then in ADU and ``redchi_max`` means less).
+    """
+    cfg = cfg or LabelFitConfig()
+    if cfg.adu_per_photon != "auto":
+        return float(cfg.adu_per_photon), "config"
+    g = geometry_adu_per_photon(geometry, n_modules)
+    if g is not None:
+        if np.allclose(g, g[0]):
+            return float(g[0]), "geometry"
+        return g, "geometry"
+    log.warning("label: fit.adu_per_photon='auto' but %s: fitting ADU as photons "
+                "(adu_per_photon 1.0); set fit.adu_per_photon for a detector-independent redchi",
+                "there is no geometry" if geometry is None else "the geometry has no "
+                "adu_per_photon / adu_per_eV with a photon energy")
+    return 1.0, "default: no gain known"
+
+
+def _gain_of_windows(windows: Windows, gain) -> Optional[np.ndarray]:
+    """Per-window gains (N,) from a number or a per-module (P,) array (None: the config's)."""
+    if gain is None:
+        return None
+    g = np.asarray(gain, dtype=np.float64)
+    if g.ndim == 0:
+        return np.full(len(windows), float(g))
+    return g[np.clip(windows.panel, 0, len(g) - 1)]
+
 
 def fit_windows(windows: Windows, cfg: Optional[LabelFitConfig] = None,
-                solver: Optional[str] = None) -> WindowFits:
+                solver: Optional[str] = None, gain=None) -> WindowFits:
     """Fit the windows whose status is ``ok`` with ``solver`` (default ``cfg.solver``).
 
+    ``gain``: ADU per photon, a number or one per module (P,) (see
+    :func:`resolve_adu_per_photon`); default ``cfg.adu_per_photon`` (1 if "auto"). The fit
+    runs in photon units; A, a, b, c come back in ADU, chisqr/redchi in photon units.
     Returns :class:`WindowFits` for *all* windows (NaN parameters, info -1 where not fitted).
     """
     cfg = cfg or LabelFitConfig()
@@ -50,8 +119,10 @@ def fit_windows(windows: Windows, cfg: Optional[LabelFitConfig] = None,
         raise ValueError(f"solver: unknown solver {solver!r} (batched, lmfit, scipy)")
     out = WindowFits.empty(n, solver)
     out.ndata = windows.good.sum(axis=(1, 2)).astype(np.int64)
+    g = _gain_of_windows(windows, gain)
     if sel.size:
-        part = fit(windows.data[sel], windows.good[sel], cfg)
+        part = fit(windows.data[sel], windows.good[sel], cfg,
+                   gain=None if g is None else g[sel])
         out.params[sel] = part.params
         out.chisqr[sel] = part.chisqr
         out.ndata[sel] = part.ndata
@@ -59,6 +130,7 @@ def fit_windows(windows: Windows, cfg: Optional[LabelFitConfig] = None,
         out.converged[sel] = part.converged
         out.info[sel] = part.info
         out.seconds = part.seconds
+        out.extra.update(part.extra)
     return out
 
 
@@ -131,7 +203,8 @@ def peak_table(windows: Windows, fits: WindowFits, status: np.ndarray,
     A, sy, sx, gy, gx, eta, a, b, c (window coordinates for the background plane); redchi,
     chisqr, ndata, nfev, info, converged; status (int8), status_name (str); flags (uint16);
     origin_ss, origin_fs (window pixel (0, 0)); npix_label; volume (sum of the fitted
-    profile without background over the window's pixels, ADU).
+    profile without background over the window's pixels, ADU). A, a, b, c are in ADU;
+    chisqr and redchi in photon units (the fit's, see ``LabelFitConfig.adu_per_photon``).
     """
     n = len(windows)
     volume = np.full(n, np.nan)
@@ -191,15 +264,20 @@ class LabelResult:
 
 
 def label_peaks(stack: np.ndarray, peaks: PeaksLike, mask: Optional[np.ndarray] = None,
-                cfg: Optional[LabelFitConfig] = None) -> LabelResult:
+                cfg: Optional[LabelFitConfig] = None, geometry=None, gain=None) -> LabelResult:
     """Cut, fit, judge and paint the labels of one frame ``stack`` (P, H, W).
 
     ``peaks``: a PeakList or (N, 3) array of (panel, ss, fs); ``mask`` (P, H, W) True = good.
+    ``geometry``: the detector's (for ``cfg.adu_per_photon = "auto"``); ``gain``: ADU per
+    photon (number or per module), overrides both (see :func:`resolve_adu_per_photon`).
     Bad peaks never raise: they get a status in the table.
     """
     cfg = cfg or LabelFitConfig()
+    if gain is None:
+        gain, _ = resolve_adu_per_photon(cfg, geometry, np.shape(stack)[0] if np.ndim(stack) == 3
+                                         else None)
     windows = cut_windows(stack, peaks, mask, cfg)
-    fits = fit_windows(windows, cfg)
+    fits = fit_windows(windows, cfg, gain=gain)
     status = assign_status(windows, fits, cfg)
     label, ignore, npix = render_labels(windows, fits, status, cfg)
     return LabelResult(label, ignore, peak_table(windows, fits, status, npix), fits)

@@ -13,7 +13,9 @@ optionally a ``manifest`` of selected events (the curation manifest: rows with `
 true; events named ``<file>//<index>`` or by the inputs' own event ids).
 
 Work: per frame, the label owner's pieces (:mod:`peaknet.label`): ``cut_windows``, the
-configured solver (``[fit]``, a :class:`~peaknet.label.config.LabelFitConfig`), ``assign_status``,
+configured solver (``[fit]``, a :class:`~peaknet.label.config.LabelFitConfig`; the fits run in
+photon units with ``fit.adu_per_photon``, "auto" = from ``run.geometry``'s gain, 1.0 without
+one; the summary reports the gain used as ``adu_per_photon``), ``assign_status``,
 ``render_labels``, ``peak_table``. The fits of a batch of ``batch_frames`` frames are grouped into
 chunks of ``chunk_peaks`` windows: one solver call each (and one Ray task each under Ray). The
 batches and chunks depend only on the event order and these sizes, so the serial, MPI and Ray
@@ -352,6 +354,8 @@ class LabelTask:
         self._mask: Optional[np.ndarray] = None
         self._ready = False
         self._schema: Optional[dict] = None
+        self._gain: Any = None  # ADU per photon: a number or one per module (setup)
+        self._gain_source = ""
 
     # --- per process -----------------------------------------------------------------------
     def setup(self) -> None:
@@ -369,6 +373,10 @@ class LabelTask:
             self._geometry = g.parse_geometry(p) if p.is_file() else g.load_builtin_geometry(run.geometry)
         if run.mask_file:
             self._mask = self._load_mask()
+        from .labels import resolve_adu_per_photon
+
+        n_mod = None if self._geometry is None else self._geometry.stack_shape[0]
+        self._gain, self._gain_source = resolve_adu_per_photon(self.cfg.fit, self._geometry, n_mod)
         self._ready = True
 
     def _load_mask(self) -> np.ndarray:
@@ -389,7 +397,7 @@ class LabelTask:
 
         run = self.cfg.run
         key = {
-            "version": 1, "peaknet": __version__,  # resumed parts never mix code versions
+            "version": 2, "peaknet": __version__,  # parts never mix code versions (2: photons)
             "fit": dataclasses.asdict(self.cfg.fit),
             "data_path": run.data_path, "peaks": run.peaks, "peak_group": run.peak_group,
             "geometry": _file_digest(run.geometry), "mask": _file_digest(run.mask_file),
@@ -587,7 +595,8 @@ class LabelTask:
     def solve(self, sub):
         from .labels import fit_windows
 
-        return fit_windows(sub, self.cfg.fit)
+        self.setup()
+        return fit_windows(sub, self.cfg.fit, gain=self._gain)
 
     def combine(self, state, results):
         from .labels import assign_status, peak_table, render_labels
@@ -605,7 +614,7 @@ class LabelTask:
             w = p.windows
             n = len(w)
             fits = WindowFits.empty(n, self.cfg.fit.solver)
-            fits.ndata = w.good.reshape(n, -1).sum(axis=1).astype(np.int64)
+            fits.ndata = w.good.sum(axis=(1, 2)).astype(np.int64)  # also for n = 0
             if s.size:
                 for f, a in cat.items():
                     getattr(fits, f)[s] = a[off:off + s.size]
@@ -640,7 +649,11 @@ class LabelTask:
         from .windows import STATUS_NAMES
 
         st = stats.get("peak_status", {})
+        self.setup()
+        g = self._gain
+        gain = float(g) if np.ndim(g) == 0 else [float(x) for x in np.asarray(g)]
         return {
+            "adu_per_photon": gain, "adu_per_photon_source": self._gain_source,
             "frames_labelled": int(stats.get("frames", 0)),
             "peaks": {"total": int(stats.get("peaks", 0)),
                       "by_status": {name: int(st.get(name, 0)) for name in STATUS_NAMES}},

@@ -227,7 +227,9 @@ def main(argv=None) -> int:
         load0 = os.getloadavg()[0]
         meta = make_inputs(a.work, a.peaks, a.unique, a.per_file, a.seed)
         extra = [f"--run.shard_size={a.shard_size}", f"--run.batch_frames={a.batch_frames}",
-                 f"--run.chunk_peaks={a.chunk_peaks}"]
+                 f"--run.chunk_peaks={a.chunk_peaks}",
+                 # the inputs carry no geometry: give the generator's CSPAD gain (ADU per photon)
+                 "--fit.adu_per_photon=10"]
         sub = extra + [f"--run.max_events={a.subset_frames}"]
         r1 = run_label(1, meta["files"], a.work / "out-1rank", sub)
         r2 = run_label(2, meta["files"], a.work / "out-2ranks", sub)
