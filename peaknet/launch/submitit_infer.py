@@ -69,27 +69,15 @@ def submit_infer(config: Optional[str | Path] = None, overrides: Sequence[str] =
     mpi: ``srun --mpi=`` value with more than one task (``""`` leaves srun alone); ``slurm``:
     more submitit parameters (``slurm_partition``, ``slurm_account``, ...).
     """
-    import submitit
-
     if mode not in ("hybrid", "legacy"):
         raise ValueError(f"mode must be 'hybrid' or 'legacy', not {mode!r}")
-    argv = (["--config", str(config)] if config else []) + [
-        o if o.startswith("--") else f"--{o}" for o in overrides]
-    ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
-    params: dict = dict(nodes=nodes, tasks_per_node=tasks_per_node, timeout_min=timeout_min,
-                        name=job_name or f"peaknet-infer-{mode}")
-    if cpus_per_task:
-        params["cpus_per_task"] = cpus_per_task
-    if gpus_per_node:
-        params["gpus_per_node"] = gpus_per_node
-    if mem_gb:
-        params["mem_gb"] = mem_gb
-    if mpi and nodes * tasks_per_node > 1:
-        params["slurm_srun_args"] = [f"--mpi={mpi}", *slurm.pop("slurm_srun_args", [])]
-    params.update(slurm)
-    if ex.cluster != "slurm":
-        params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
-    ex.update_parameters(**params)
+    from .submitit_launcher import make_executor, stage_argv
+
+    argv = stage_argv(config, overrides)
+    ex = make_executor(folder, nodes=nodes, tasks_per_node=tasks_per_node,
+                       cpus_per_task=cpus_per_task, gpus_per_node=gpus_per_node, mem_gb=mem_gb,
+                       timeout_min=timeout_min, cluster=cluster,
+                       name=job_name or f"peaknet-infer-{mode}", mpi=mpi, **slurm)
     return ex.submit(InferTask(argv, mode))
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["StageTask", "submit_stage", "main"]
+__all__ = ["StageTask", "submit_stage", "make_executor", "stage_argv", "main"]
 
 
 @dataclass
@@ -54,6 +54,40 @@ class StageTask:
         return DelayedSubmission(self)
 
 
+def stage_argv(config, overrides: Sequence[str]) -> list:
+    """The stage's command line: ``--config FILE`` (if any) and ``--section.key=value`` items."""
+    return (["--config", str(config)] if config else []) + [
+        o if o.startswith("--") else f"--{o}" for o in overrides]
+
+
+def make_executor(folder, *, nodes: int = 1, tasks_per_node: int = 1,
+                  cpus_per_task: Optional[int] = None, gpus_per_node: int = 0,
+                  mem_gb: Optional[float] = None, timeout_min: int = 60,
+                  cluster: Optional[str] = None, name: str = "peaknet", mpi: str = "pmi2",
+                  **slurm):
+    """A submitit AutoExecutor with peaknet's resources set: nodes x tasks_per_node tasks,
+    ``srun --mpi=<mpi>`` when there is more than one task, ``slurm_*`` parameters passed on
+    (and dropped for the local/debug executors)."""
+    import submitit
+
+    ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    params: dict = dict(nodes=nodes, tasks_per_node=tasks_per_node, timeout_min=timeout_min,
+                        name=name)
+    if cpus_per_task:
+        params["cpus_per_task"] = cpus_per_task
+    if gpus_per_node:
+        params["gpus_per_node"] = gpus_per_node
+    if mem_gb:
+        params["mem_gb"] = mem_gb
+    if mpi and nodes * tasks_per_node > 1:
+        params["slurm_srun_args"] = [f"--mpi={mpi}", *slurm.pop("slurm_srun_args", [])]
+    params.update(slurm)
+    if ex.cluster != "slurm":
+        params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
+    ex.update_parameters(**params)
+    return ex
+
+
 def submit_stage(stage: str, config: Optional[str | Path] = None, overrides: Sequence[str] = (), *,
                  folder: str | Path, nodes: int = 1, tasks_per_node: int = 1,
                  cpus_per_task: Optional[int] = None, gpus_per_node: int = 0,
@@ -70,29 +104,15 @@ def submit_stage(stage: str, config: Optional[str | Path] = None, overrides: Seq
     ``slurm``: more submitit parameters: ``slurm_partition``, ``slurm_account``,
     ``slurm_additional_parameters``, ...
     """
-    import submitit
-
     from peaknet.cli import STAGES
 
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-    argv = (["--config", str(config)] if config else []) + [
-        o if o.startswith("--") else f"--{o}" for o in overrides]
-    ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
-    params: dict = dict(nodes=nodes, tasks_per_node=tasks_per_node, timeout_min=timeout_min,
-                        name=job_name or f"peaknet-{stage}")
-    if cpus_per_task:
-        params["cpus_per_task"] = cpus_per_task
-    if gpus_per_node:
-        params["gpus_per_node"] = gpus_per_node
-    if mem_gb:
-        params["mem_gb"] = mem_gb
-    if mpi and nodes * tasks_per_node > 1:
-        params["slurm_srun_args"] = [f"--mpi={mpi}", *slurm.pop("slurm_srun_args", [])]
-    params.update(slurm)
-    if ex.cluster != "slurm":
-        params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
-    ex.update_parameters(**params)
+    argv = stage_argv(config, overrides)
+    ex = make_executor(folder, nodes=nodes, tasks_per_node=tasks_per_node,
+                       cpus_per_task=cpus_per_task, gpus_per_node=gpus_per_node, mem_gb=mem_gb,
+                       timeout_min=timeout_min, cluster=cluster,
+                       name=job_name or f"peaknet-{stage}", mpi=mpi, **slurm)
     return ex.submit(StageTask(stage, argv))
 
 

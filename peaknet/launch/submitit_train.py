@@ -122,8 +122,6 @@ def submit_train(stage: str, config: Optional[str], overrides: Sequence[str] = (
     process through the generic launcher instead of torchrun (see the module doc); ``slurm``:
     more submitit parameters (``slurm_partition="..."``, ``slurm_account=...``, ...).
     """
-    import submitit
-
     if stage not in ENTRIES:
         raise ValueError(f"stage must be one of {sorted(ENTRIES)}, not {stage!r}")
     if per_process:
@@ -134,19 +132,13 @@ def submit_train(stage: str, config: Optional[str], overrides: Sequence[str] = (
                             cpus_per_task=cpus_per_task, gpus_per_node=gpus_per_node,
                             timeout_min=timeout_min, cluster=cluster, job_name=job_name,
                             mpi="", **slurm)
-    argv = (["--config", str(config)] if config else []) + [
-        o if o.startswith("--") else f"--{o}" for o in overrides]
-    ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
-    params = dict(nodes=nodes, tasks_per_node=1, timeout_min=timeout_min,
-                  name=job_name or f"peaknet-{stage}")
-    if cpus_per_task:
-        params["cpus_per_task"] = cpus_per_task
-    if gpus_per_node:
-        params["gpus_per_node"] = gpus_per_node
-    params.update(slurm)
-    if ex.cluster != "slurm":
-        params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
-    ex.update_parameters(**params)
+    from peaknet.launch.submitit_launcher import make_executor, stage_argv
+
+    argv = stage_argv(config, overrides)
+    # one submitit task per node: torchrun starts the processes, so srun gets no --mpi
+    ex = make_executor(folder, nodes=nodes, tasks_per_node=1, cpus_per_task=cpus_per_task,
+                       gpus_per_node=gpus_per_node, timeout_min=timeout_min, cluster=cluster,
+                       name=job_name or f"peaknet-{stage}", mpi="", **slurm)
     task = TorchrunTask(ENTRIES[stage], argv, nproc_per_node, str(REPO), python)
     return ex.submit(task)
 
