@@ -23,12 +23,15 @@ pytestmark = pytest.mark.timeout(180)  # a hung launcher fails in 3 minutes, not
 PY = sys.executable  # the venv's python: it has mpi4py, ray, submitit
 MPIEXEC = str(Path(PY).parent / "mpiexec")
 
+# Rank 0 gathers every rank's record and prints them, one line each: two ranks printing at once can
+# interleave their lines on a shared stdout ("RANKRANK {...}").
 MPI_SNIPPET = (
     "import json; from mpi4py import MPI; from peaknet.cluster import slurm_rendezvous; "
     "c = MPI.COMM_WORLD; r = slurm_rendezvous(); "
-    "print('RANK', json.dumps({'rank': c.rank, 'size': c.size, 'sum': c.allreduce(c.rank + 1), "
-    "'rdv': None if r is None else [r.rank, r.world_size, r.local_rank, r.master_addr, r.master_port]}), "
-    "flush=True)"
+    "rec = {'rank': c.rank, 'size': c.size, 'sum': c.allreduce(c.rank + 1), "
+    "'rdv': None if r is None else [r.rank, r.world_size, r.local_rank, r.master_addr, r.master_port]}; "
+    "recs = c.gather(rec, root=0); "
+    "[print('RANK', json.dumps(x), flush=True) for x in (recs or [])]"
 )
 
 
