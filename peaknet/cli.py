@@ -272,7 +272,8 @@ def run_stage(name: str, argv: Sequence[str]) -> dict:
         log.info("resolved config saved to %s", path)
     t0 = time.perf_counter()
     summary = run(cfg) or {}
-    log.info("%s finished in %.1f s", name, time.perf_counter() - t0)
+    if lead:
+        log.info("%s finished in %.1f s", name, time.perf_counter() - t0)
     return summary
 
 
@@ -298,8 +299,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"peaknet {name}: config error: {exc}", file=sys.stderr)
         return 2
     if summary:
-        print(json.dumps(summary, default=str, sort_keys=True))
+        _print_line(json.dumps(summary, default=str, sort_keys=True))
     return 0
+
+
+def _print_line(text: str) -> None:
+    """Write ``text`` and a newline to stdout in one system call (after flushing the logs), so
+    another process sharing the job's output file cannot land inside it. Slurm's output
+    forwarding still splits messages longer than 1 kB, so a job's summary is best read from the
+    ``<stage>.summary.json`` file every stage writes beside its outputs."""
+    import os
+
+    sys.stderr.flush()
+    sys.stdout.flush()
+    data = (text + "\n").encode()
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # a captured stdout (pytest, notebooks)
+        sys.stdout.write(text + "\n")
+        return
+    while data:
+        data = data[os.write(fd, data):]
 
 
 if __name__ == "__main__":  # pragma: no cover

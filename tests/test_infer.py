@@ -609,7 +609,7 @@ def test_sbatch_templates(data, tmp_path, slurm_cluster):
                                             "--mem-per-cpu=1G", "--time=15"],
                                    cwd=tmp_path, env=env, timeout=900)
         assert res.ok, res.output[-5000:]
-        summary = json.loads([x for x in res.output.splitlines() if x.startswith("{")][-1])
+        summary = json.loads((out / "infer.summary.json").read_text())
         assert summary["shards_done"] == 6
         v = verify_outputs(out)
         assert v["ok"], v["problems"]

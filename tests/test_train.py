@@ -385,7 +385,7 @@ def test_pretrain_sbatch_on_local_slurm(slurm_cluster, sim, tmp_path):
         # processes share it; the private Slurm does not pin them)
         options=["--nodes=1", "--cpus-per-task=1", "--time=10"], cwd=REPO, env=env, timeout=600)
     assert "rendezvous" in res.output and "1 node(s) x 2 process(es)" in res.output
-    summary = json.loads([ln for ln in res.output.splitlines() if ln.startswith("{")][-1])
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["step"] == 2
     assert (out / "model.safetensors").is_file() and (out / "train.config.toml").is_file()
 
