@@ -53,7 +53,10 @@ from peaknet.label.fit_lmfit import fit_lmfit, fit_scipy  # noqa: E402
 from peaknet.label.pvoigt import IDX, NPARAMS, model, window_grid  # noqa: E402
 from peaknet.label.windows import Status  # noqa: E402
 
-BEGIN, END = "<!-- bench:fit -->", "<!-- /bench:fit -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docs_section import write_section  # noqa: E402
+
+SECTION = "fit"
 
 
 def synthetic(n: int, seed: int, w: int = 9):
@@ -206,7 +209,7 @@ def settings_study(d, g, cfg) -> dict:
 
 
 def markdown(res: dict, command: str) -> str:
-    lines = [BEGIN, "## Label fits: lmfit vs the batched solver (one core)", "",
+    lines = ["## Label fits: lmfit vs the batched solver (one core)", "",
              f"- Command: `{command}`", f"- Date: {res['date']}", f"- Machine: {res['machine']}",
              f"- Config: {res['config']} (defaults of `LabelFitConfig`, CSPAD tiles and "
              "saturation); `torch.set_num_threads(1)`, one process, both solvers on the same "
@@ -263,20 +266,7 @@ def markdown(res: dict, command: str) -> str:
             a = st[key]
             lines.append(f"| {label} | {a['converged']:.1%} | {a['eta_at_1']:.1%} | "
                          f"{a['redchi_over_scipy_median']:.3f} | {a['within_2pct_of_scipy']:.1%} |")
-    lines.append(END)
     return "\n".join(lines)
-
-
-def write_docs(section: str, path: Path) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 def main(argv=None) -> int:
@@ -290,7 +280,7 @@ def main(argv=None) -> int:
     res = run(args)
     command = "python tools/bench/bench_fit.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.write_docs:
-        write_docs(markdown(res, command.strip()), REPO / "docs" / "benchmarks.md")
+        write_section(SECTION, markdown(res, command.strip()), REPO / "docs" / "benchmarks.md")
     print(json.dumps(res, indent=1))
     return 0
 

@@ -53,7 +53,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-BEGIN, END = "<!-- bench:infer -->", "<!-- /bench:infer -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docs_section import write_section  # noqa: E402
+
+SECTION = "infer"
 
 TINY_GEOM = """; tiny 4-module detector (bench_infer): 4 modules of 64 x 64 pixels of 400 um
 photon_energy = 9500 eV
@@ -386,18 +389,6 @@ def notes(res: dict) -> str:
         "the GPU section is code that runs where CUDA exists.")
 
 
-def write_section(path: Path, text: str) -> None:
-    block = f"{BEGIN}\n{text.rstrip()}\n{END}\n"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        new = head + block + ("\n" + tail if tail else "")
-    else:
-        new = old.rstrip("\n") + "\n\n" + block
-    path.write_text(new)
-
-
 def report(res: dict) -> str:
     L = []
     a = res["args"]
@@ -534,7 +525,7 @@ def main(argv=None) -> int:
         text = report(res)
         print(text)
         if args.write_docs:
-            write_section(ROOT / "docs" / "benchmarks.md", text)
+            write_section(SECTION, text)
         return 0
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     from peaknet.cluster import RayHead
@@ -609,7 +600,7 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(res, indent=1, default=str))
     if args.write_docs:
-        write_section(ROOT / "docs" / "benchmarks.md", text)
+        write_section(SECTION, text)
         log("docs/benchmarks.md updated")
     return 0
 

@@ -33,7 +33,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-BEGIN, END = "<!-- bench:label-scale -->", "<!-- /bench:label-scale -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docs_section import write_section  # noqa: E402
+
+SECTION = "label-scale"
 PY = Path(sys.executable)
 MPIEXEC = PY.parent / "mpiexec"
 
@@ -128,21 +131,6 @@ def machine() -> str:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{cpu}, nproc {os.cpu_count()}, {mem:.0f} GiB, {platform.system()} {platform.release()}"
-
-
-def write_docs(text: str, path: Path) -> None:
-    block = f"{BEGIN}\n{text}{END}\n"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"  # read just before writing
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        tail = tail.lstrip("\n")
-        new = head + block + ("\n" + tail if tail else "")
-    else:
-        new = old.rstrip("\n") + "\n\n" + block
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(new)
-    os.replace(tmp, path)
 
 
 def report(res: dict) -> str:
@@ -242,8 +230,8 @@ def main(argv=None) -> int:
     text = report(res)
     print(text)
     if a.write_docs:
-        write_docs(text, ROOT / "docs" / "benchmarks.md")
-        print(f"wrote the {BEGIN} section of docs/benchmarks.md")
+        write_section(SECTION, text)
+        print(f"wrote the {SECTION} section of docs/benchmarks.md")
     return 0
 
 

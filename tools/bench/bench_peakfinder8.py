@@ -42,7 +42,10 @@ PARAMS = dict(adc_thresh=100.0, min_snr=6.0, min_pix_count=2, max_pix_count=200,
 ASIC = dict(asic_nx=194, asic_ny=185, nasics_x=2, nasics_y=32)
 MATCH_PX = 0.5
 DIALS_PX = 2.0
-BEGIN, END = "<!-- bench:peakfinder8 -->", "<!-- /bench:peakfinder8 -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docs_section import write_section  # noqa: E402
+
+SECTION = "peakfinder8"
 
 
 # ------------------------------------------------------------------------ psana side (worker)
@@ -252,7 +255,7 @@ def main(argv=None) -> int:
     print(text)
     print(json.dumps(summary, default=str), file=sys.stderr)
     if a.write_docs:
-        write_section(ROOT / "docs" / "benchmarks.md", text)
+        write_section(SECTION, text)
     return 0
 
 
@@ -381,21 +384,6 @@ def report(s: dict, command: str) -> str:
             "of one-pixel peaks per frame. Two pixels per peak remove them.",
         ]
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) the delimited section of ``path``, leaving the rest untouched."""
-    block = f"{BEGIN}\n{text}{END}\n"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        new = head + block + tail.lstrip("\n")
-    else:
-        new = old.rstrip("\n") + "\n\n" + block
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

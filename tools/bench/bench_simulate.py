@@ -36,7 +36,10 @@ from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-BEGIN, END = "<!-- bench:simulate -->", "<!-- /bench:simulate -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docs_section import write_section  # noqa: E402
+
+SECTION = "simulate"
 
 
 def machine() -> str:
@@ -193,17 +196,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.write_docs:
-        doc = ROOT / "docs" / "benchmarks.md"
-        block = f"{BEGIN}\n{text}\n{END}"
-        if doc.exists():
-            old = doc.read_text()
-            if BEGIN in old and END in old:
-                new = old[: old.index(BEGIN)] + block + old[old.index(END) + len(END):]
-            else:
-                new = old.rstrip("\n") + "\n\n" + block + "\n"
-        else:
-            new = "# Benchmarks\n\n" + block + "\n"
-        doc.write_text(new)
+        doc = write_section(SECTION, text)
         print(f"updated {doc}")
     return 0
 

@@ -20,7 +20,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 DOCS = REPO / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- bench:train -->", "<!-- /bench:train -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docs_section import write_section  # noqa: E402
+
+SECTION = "train"
 
 
 def synthetic_batch(batch: int, size: int, seed: int = 0):
@@ -103,18 +105,6 @@ def run_torchrun(nproc: int, args) -> dict:
                "--steps", str(args.steps), "--warmup", str(args.warmup)]
         subprocess.run(cmd, check=True, cwd=REPO)
         return json.loads(res.read_text())
-
-
-def write_docs(text: str) -> None:
-    body = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if DOCS.is_file():
-        doc = DOCS.read_text()
-        pat = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
-        doc = pat.sub(lambda _: body, doc) if pat.search(doc) else doc.rstrip() + "\n\n" + body + "\n"
-    else:
-        DOCS.parent.mkdir(parents=True, exist_ok=True)
-        doc = "# Benchmarks\n\n" + body + "\n"
-    DOCS.write_text(doc)
 
 
 def report(results: dict, args, cmdline: str) -> str:
@@ -189,7 +179,7 @@ def main(argv=None) -> int:
     text = report(results, args, cmdline)
     print(text)
     if args.write_docs:
-        write_docs(text)
+        write_section(SECTION, text)
         print(f"wrote {DOCS}")
     return 0
 
