@@ -473,8 +473,12 @@ def evaluate_cbf(predict: Callable, files: Sequence[str], dials_csv: Optional[st
 # ------------------------------------------------------------------------------------------
 # decode-threshold tuning (used when exporting the default model)
 # ------------------------------------------------------------------------------------------
+#: decode thresholds tried when tuning (finer where the best ones usually are)
+TUNING_THRESHOLDS = (0.1, 0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.9)
+
+
 def tune_threshold(model: torch.nn.Module, shards: Sequence[str],
-                   thresholds: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+                   thresholds: Sequence[float] = TUNING_THRESHOLDS,
                    distance: float = 3.0, geometry: Optional[str] = None,
                    max_frames: Optional[int] = None, min_pix: Sequence[int] = (1, 2, 3)) -> dict:
     """Peak F1 on generated shards for each (threshold, min_pix) (the model runs once per frame;

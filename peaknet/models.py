@@ -58,8 +58,9 @@ class DefaultModel:
     training_config: str = "peaknet/data/configs/pretrain-default-model.toml"
     training_command: str = "tools/train_default_model.sh"
     data: str = ("peaknet simulate: thermolysin-like CSPAD (simulate-thermolysin-cspad.toml, "
-                 "80 frames, seed 11), Epix10ka2M (60 frames, seed 12, hit_fraction 0.9), "
-                 "Jungfrau 4M (60 frames, seed 13, hit_fraction 0.9); labels = truth masks")
+                 "240 frames, seeds 11 and 14), Epix10ka2M (160 frames, seeds 12 and 15, "
+                 "hit_fraction 0.9), Jungfrau 4M (160 frames, seeds 13 and 16, hit_fraction 0.9); "
+                 "phase 1 on seeds 11-13, phase 2 on seeds 11-16; labels = truth masks")
     input: str = "panels: one detector module per sample, z-scored over its good pixels"
     #: Fallback decode threshold when the card has none (None: argmax).
     default_threshold: Optional[float] = None
@@ -82,16 +83,21 @@ DEFAULT_MODEL = DefaultModel()
 #: The commands of tools/train_default_model.sh (W = runs/default-model), recorded in the card.
 TRAINING_COMMANDS = [
     "peaknet simulate --config peaknet/data/configs/simulate-thermolysin-cspad.toml "
-    "--frames 80 --seed 11 --out $W/sim/cspad",
-    "peaknet simulate --detector epix10ka2m --crystal.hit_fraction=0.9 --frames 60 --seed 12 "
+    "--frames 240 --seed 11 --out $W/sim/cspad",
+    "peaknet simulate --detector epix10ka2m --crystal.hit_fraction=0.9 --frames 160 --seed 12 "
     "--out $W/sim/epix",
-    "peaknet simulate --detector jungfrau4m --crystal.hit_fraction=0.9 --frames 60 --seed 13 "
+    "peaknet simulate --detector jungfrau4m --crystal.hit_fraction=0.9 --frames 160 --seed 13 "
     "--out $W/sim/jungfrau",
-    "(held out: the same with --frames 8 and seeds 21, 22, 23 -> $W/heldout/...; threshold "
-    "tuning: --frames 2, seeds 31, 32, 33 -> $W/tune/...)",
+    "(phase-2 frames: the same with seeds 14, 15, 16 -> $W/sim2/...; held out: --frames 8 and "
+    "seeds 21, 22, 23 -> $W/heldout/...; threshold tuning: --frames 2, seeds 31, 32, 33 -> "
+    "$W/tune/...)",
     "peaknet train --config peaknet/data/configs/pretrain-default-model.toml "
     "--run.out=$W/train --run.threads=2 --data.train='[\"$W/sim/*/shard_*.cxi\"]'",
-    "python -m peaknet.models export --weights $W/train/model.safetensors --threads 2 "
+    "peaknet train --config peaknet/data/configs/pretrain-default-model.toml "
+    "--run.out=$W/train2 --run.threads=2 --model.weights=$W/train/model.safetensors "
+    "--optim.lr=5e-4 --optim.warmup_steps=100 --run.steps=5000 "
+    "--data.train='[\"$W/sim/*/shard_*.cxi\", \"$W/sim2/*/shard_*.cxi\"]'",
+    "python -m peaknet.models export --weights $W/train2/model.safetensors --threads 2 "
     "--heldout '$W/tune/*/shard_*.cxi' --out peaknet/data/models/peaknet-small-cpu.safetensors",
     "python -m peaknet.evaluate --predictor model --weights default "
     "--shards '$W/heldout/*/shard_*.cxi' --out $W/eval/model-generated (and peakfinder8, "
@@ -181,11 +187,11 @@ def _state_from_checkpoint(ckpt: str | Path, preset: str) -> dict:
 # export (used by tools/train_default_model.sh)
 # ------------------------------------------------------------------------------------------
 def export(weights: Optional[str], out: str, heldout: Sequence[str], checkpoint: Optional[str] = None,
-           preset: str = "small-cpu", thresholds: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+           preset: str = "small-cpu", thresholds: Optional[Sequence[float]] = None,
            match_distance: float = 3.0, card_extra: Optional[dict] = None) -> dict:
     """Training weights (safetensors, or a DCP ``checkpoint`` folder) -> the shipped file, with
     the decode threshold tuned on the ``heldout`` generated frames; writes the card."""
-    from peaknet.evaluate import tune_threshold
+    from peaknet.evaluate import TUNING_THRESHOLDS, tune_threshold
 
     if weights:
         sd, meta = load_state_dict(weights)
@@ -197,9 +203,12 @@ def export(weights: Optional[str], out: str, heldout: Sequence[str], checkpoint:
     dtype = save_weights(sd, out_p, {"preset": preset, "name": out_p.stem,
                                      "step": meta.get("step", "")})
     model = load_model(out_p, preset)  # what users get (after the float16 round trip)
-    tuning = tune_threshold(model, heldout, thresholds, match_distance) if heldout else {}
+    tuning = (tune_threshold(model, heldout, thresholds or TUNING_THRESHOLDS, match_distance)
+              if heldout else {})
     card_p = out_p.with_suffix(".json")
     card = json.loads(card_p.read_text()) if card_p.is_file() else {}
+    for stale in ("metrics", "notes", "threshold_tuning", "threshold", "min_pix"):
+        card.pop(stale, None)  # measured on the weights being replaced
     card.update({
         "name": out_p.stem,
         "preset": preset,
@@ -257,7 +266,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     e.add_argument("--checkpoint", help="or a DCP checkpoint folder of a single-process run")
     e.add_argument("--preset", default="small-cpu")
     e.add_argument("--heldout", nargs="*", default=[], help="held-out generated shards (globs)")
-    e.add_argument("--thresholds", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
+    e.add_argument("--thresholds", default=None,
+                   help="comma-separated decode thresholds to try (default: "
+                        "peaknet.evaluate.TUNING_THRESHOLDS)")
     e.add_argument("--match-distance", type=float, default=3.0)
     e.add_argument("--out", default=str(DEFAULT_MODEL.weights))
     e.add_argument("--threads", type=int, default=None)
@@ -272,7 +283,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     card = export(a.weights, a.out, a.heldout, a.checkpoint, a.preset,
-                  [float(t) for t in a.thresholds.split(",")], a.match_distance)
+                  [float(t) for t in a.thresholds.split(",")] if a.thresholds else None,
+                  a.match_distance)
     print(json.dumps(card, default=str))
     return 0
 

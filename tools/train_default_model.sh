@@ -5,16 +5,18 @@
 #      Epix10ka2M and Jungfrau 4M, mostly hits), a small threshold-tuning set and held-out frames
 #      (other seeds);
 #   2. train the small-cpu preset on per-panel 128 x 128 windows
-#      (peaknet/data/configs/pretrain-default-model.toml, 1 process, 2 torch threads);
+#      (peaknet/data/configs/pretrain-default-model.toml, 1 process, 2 torch threads), then
+#      fine-tune it (phase 2: a second cosine cycle at a quarter of the learning rate) on those
+#      frames plus as many fresh ones (seeds 14-16);
 #   3. export: float16 safetensors (float32 would exceed 8 MB), decode threshold tuned on the
 #      tuning set, card;
 #   4. evaluate on the held-out generated frames and the 4 real thermolysin CSPAD frames, next to
 #      peakfinder8 (preset lcls_cspad).
 #
-#   tools/train_default_model.sh [WORK_DIR]      (default runs/default-model; ~45 min on 2 cores)
+#   tools/train_default_model.sh [WORK_DIR]      (default runs/default-model; ~60 min on 2 idle cores)
 #
 # Environment: PYTHON (default python), PEAKNET_THREADS (torch threads, default 2), SKIP_SIM=1
-# reuses simulated data, REAL_DIR (default ../shared/data/real/thermolysin_cspad, else
+# reuses simulated data, FROM_PHASE2=1 starts at phase 2 (phase 1's weights must exist), REAL_DIR (default ../shared/data/real/thermolysin_cspad, else
 # shared/data/real/thermolysin_cspad).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,24 +40,34 @@ EPIX=(--detector epix10ka2m --crystal.hit_fraction=0.9)
 JF=(--detector jungfrau4m --crystal.hit_fraction=0.9)
 
 if [[ "${SKIP_SIM:-0}" != 1 ]]; then
-  sim "$W/sim/cspad" 11 80 "${CSPAD[@]}";    sim "$W/sim/epix" 12 60 "${EPIX[@]}"
-  sim "$W/sim/jungfrau" 13 60 "${JF[@]}"                              # training
+  sim "$W/sim/cspad" 11 240 "${CSPAD[@]}";   sim "$W/sim/epix" 12 160 "${EPIX[@]}"
+  sim "$W/sim/jungfrau" 13 160 "${JF[@]}"                              # training
   sim "$W/heldout/cspad" 21 8 "${CSPAD[@]}"; sim "$W/heldout/epix" 22 8 "${EPIX[@]}"
   sim "$W/heldout/jungfrau" 23 8 "${JF[@]}"                           # held out (reported)
   sim "$W/tune/cspad" 31 2 "${CSPAD[@]}";    sim "$W/tune/epix" 32 2 "${EPIX[@]}"
   sim "$W/tune/jungfrau" 33 2 "${JF[@]}"                              # decode-threshold tuning
+  sim "$W/sim2/cspad" 14 240 "${CSPAD[@]}";  sim "$W/sim2/epix" 15 160 "${EPIX[@]}"
+  sim "$W/sim2/jungfrau" 16 160 "${JF[@]}"                             # phase-2 fresh frames
 fi
 
-# --- train (1 process) ---
+# --- phase 1: train from scratch (1 process) ---
+if [[ "${FROM_PHASE2:-0}" != 1 ]]; then
+  $PY -m peaknet.cli train --config peaknet/data/configs/pretrain-default-model.toml \
+      --run.out="$W/train" --run.threads="$THREADS" \
+      --data.train="[\"$W/sim/*/shard_*.cxi\"]"
+fi
+
+# --- phase 2: fine-tune phase 1's weights on its frames plus fresh ones ---
 $PY -m peaknet.cli train --config peaknet/data/configs/pretrain-default-model.toml \
-    --run.out="$W/train" --run.threads="$THREADS" \
-    --data.train="[\"$W/sim/*/shard_*.cxi\"]"
+    --run.out="$W/train2" --run.threads="$THREADS" --model.weights="$W/train/model.safetensors" \
+    --optim.lr=5e-4 --optim.warmup_steps=100 --run.steps=5000 \
+    --data.train="[\"$W/sim/*/shard_*.cxi\", \"$W/sim2/*/shard_*.cxi\"]"
 
 # --- export: float16 safetensors + card, threshold tuned on the tuning set ---
-if [[ -f "$W/train/model.safetensors" ]]; then
-  SRC=(--weights "$W/train/model.safetensors")
+if [[ -f "$W/train2/model.safetensors" ]]; then
+  SRC=(--weights "$W/train2/model.safetensors")
 else  # stopped by run.time_limit_min before the last step: the latest checkpoint
-  SRC=(--checkpoint "$W/train/checkpoints/$(cat "$W/train/checkpoints/latest")")
+  SRC=(--checkpoint "$W/train2/checkpoints/$(cat "$W/train2/checkpoints/latest")")
 fi
 $PY -m peaknet.models export "${SRC[@]}" --threads "$THREADS" \
     --heldout "$W/tune/*/shard_*.cxi" --out peaknet/data/models/peaknet-small-cpu.safetensors
