@@ -135,6 +135,9 @@ def machine() -> str:
 
 def report(res: dict) -> str:
     """The docs section from the results of a run (see ``results.json``)."""
+    from peaknet.label.config import LabelFitConfig
+
+    _fit = LabelFitConfig()
     a, meta, r1, r2, big = res["args"], res["meta"], res["r1"], res["r2"], res["big"]
     load0, load1 = res["load"]
     argv = [x for x in res["argv"] if x != "--docs-from-results"]
@@ -157,7 +160,9 @@ def report(res: dict) -> str:
         f"frame); {a['unique']} distinct generated frames ({meta['unique_peaks']} peaks) written over and over.  ",
         f"Run: `mpiexec -n N .venv/bin/python -m jobs.label --run.backend=mpi`, shard_size {a['shard_size']}, "
         f"batch_frames {a['batch_frames']}, chunk_peaks {a['chunk_peaks']}; `[fit]` defaults (batched "
-        "solver, CPU, max_nfev 2000), one torch thread per rank. Peaks/s = input peaks / the ranks' "
+        f"solver, CPU, max_nfev {_fit.max_nfev}, restart_nfev {_fit.restart_nfev}, redchi_max "
+        f"{_fit.redchi_max:g}) with `--fit.adu_per_photon=10` (CSPAD gain: fits in photon units), one "
+        "torch thread per rank. Peaks/s = input peaks / the ranks' "
         "processing time (reading, windows, fits, labels, part writing; start-up, planning and the "
         "merge excluded). Peaks per CPU-second = input peaks / the ranks' CPU time in that phase: the "
         "per-core rate, which the other work on the machine does not change; \"cores used\" = CPU "
