@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
 import time
 from dataclasses import dataclass, field
@@ -212,7 +213,8 @@ def run(cfg: DemoConfig) -> dict:
     i_cfg = _stage_config(
         InferConfig,
         {
-            "run": {"out": str(infer_dir)},
+            # one inference actor: it may use every core for torch (producer and writer idle)
+            "run": {"out": str(infer_dir), "threads": os.cpu_count() or 1},
             "source": {"inputs": [str(sim_dir / "shard_*.cxi")], "geometry": str(sim_dir / "geometry.geom")},
             "predictor": {"kind": "peaknet"},  # the shipped default model when the package has one
         },
