@@ -305,9 +305,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _print_line(text: str) -> None:
     """Write ``text`` and a newline to stdout in one system call (after flushing the logs), so
-    another process sharing the job's output file cannot land inside it. Slurm's output
-    forwarding still splits messages longer than 1 kB, so a job's summary is best read from the
-    ``<stage>.summary.json`` file every stage writes beside its outputs."""
+    another process sharing the job's output file cannot land inside it. Under ``srun`` a long
+    line was seen split by Slurm's output forwarding all the same, so a job's summary is best read
+    from the ``<stage>.summary.json`` file every stage writes beside its outputs."""
     import os
 
     sys.stderr.flush()
